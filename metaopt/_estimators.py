@@ -154,7 +154,7 @@ class ConjugateGradient(PTEstimator):
             curvature = torch.dot(d, ad)
             if curvature <= 0:
                 info.diverged = True
-                logger.warning("CG met non-positive curvature %.3g; stopping early", curvature)
+                logger.debug("CG met non-positive curvature %.3g; stopping early", curvature)
                 break
             step = rr / curvature
             p = p + step * d

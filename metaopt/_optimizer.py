@@ -35,7 +35,7 @@ class MetaOptWarning(UserWarning):
 
 @dataclasses.dataclass
 class HyperstepRecord:
-    """What one hyperstep measured.
+    """Measurements of one hyperstep.
 
     Attributes:
         step: the number of PT steps taken before this hyperstep.
@@ -62,7 +62,7 @@ class HyperstepRecord:
 
 @dataclasses.dataclass
 class _StepRecord:
-    """What ``UnrolledPT`` needs to replay one PT step."""
+    """The saved inputs of one PT step, replayed by ``UnrolledPT``."""
 
     theta: list[torch.Tensor]
     state: dict
@@ -202,7 +202,7 @@ class MetaPTOptimizer:
             "ft_train_consumed", "ft_val_consumed",
         } - set(state_dict)
         if missing:
-            raise KeyError(f"MetaPTOptimizer state_dict lacks {sorted(missing)}.")
+            raise KeyError(f"MetaPTOptimizer state_dict is missing the keys {sorted(missing)}.")
         self.optimizer.load_state_dict(state_dict["pt_optimizer"])
         self.finetune.optimizer.load_state_dict(state_dict["ft_optimizer"])
         self.meta_optimizer.load_state_dict(state_dict["meta_optimizer"])
@@ -266,7 +266,11 @@ class MetaPTOptimizer:
     def _pt_stage(
         self, ft: FTResult, pt_loss: PTLoss | None
     ) -> tuple[list[torch.Tensor] | None, SolveInfo]:
-        if not ft.v:  # the FT stage produced a non-finite validation loss
+        if not torch.isfinite(ft.val_loss):
+            self._report_nonfinite("meta-FT val loss", ft.val_loss.item())
+            return None, SolveInfo()
+        if not all(torch.isfinite(x).all() for x in ft.v):
+            self._report_nonfinite("FT-stage gradient dL_val/dtheta", "NaN or inf entries")
             return None, SolveInfo()
         if self.pt_estimator.implicit:
             return self._implicit_pt(ft.v, pt_loss)

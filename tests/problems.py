@@ -26,7 +26,7 @@ class RidgeProblem:
 
     PT: ``L_PT(theta, phi) = sum_t w_t ||X_t theta - y_t||^2 / (2 n) + lam/2 ||theta||^2`` with
     ``w = 2 sigmoid(phi)``, so ``theta*(phi) = (sum_t w_t A_t + lam I)^-1 sum_t w_t b_t``.
-    FT: ``L(theta, psi) = mean((Z (theta * psi) - u)^2)`` on a train and a val split.
+    FT: ``L(theta, psi) = mean((tanh(Z * theta) psi - u)^2)`` on a train and a val split.
     """
 
     tasks: int = 3
@@ -61,7 +61,7 @@ class RidgeProblem:
 
     @staticmethod
     def ft_loss_of(theta: torch.Tensor, psi: torch.Tensor, z: torch.Tensor, u: torch.Tensor):
-        return (z @ (theta * psi) - u).pow(2).mean()
+        return (torch.tanh(z * theta) @ psi - u).pow(2).mean()
 
     def exact_hypergradient(self, phi: torch.Tensor, ft_steps: int, ft_lr: float) -> torch.Tensor:
         """``dL_val/dphi`` by autograd through the closed form and ``K`` plain SGD head steps."""
