@@ -9,6 +9,8 @@ unroll) and replace the update with torch 2.x's single-tensor algorithms, operat
 
 from __future__ import annotations
 
+import collections
+import copy
 import logging
 from typing import Any, Iterable, Sequence
 
@@ -29,6 +31,12 @@ def _scalar(value: Any) -> Any:
     return value
 
 
+def _copy_state(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    return copy.deepcopy(value)
+
+
 def _sqrt_zero_safe(x: torch.Tensor) -> torch.Tensor:
     """Compute ``sqrt(x)`` with a zero instead of an infinite derivative where ``x == 0``.
 
@@ -41,7 +49,44 @@ def _sqrt_zero_safe(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Exact(higher.optim.DifferentiableOptimizer):
-    """Shared checks of the exact differentiable optimizers."""
+    """Base of the exact differentiable optimizers.
+
+    ``higher``'s constructor deep-copies ``param_groups`` together with every parameter tensor;
+    this one copies the hyperparameters and the optimizer state only, so building a
+    differentiable optimizer over a large model costs no parameter copy.
+    """
+
+    def __init__(
+        self,
+        other: torch.optim.Optimizer,
+        reference_params: Sequence[torch.Tensor],
+        override: dict[str, list[Any]] | None = None,
+    ) -> None:
+        index_of = {id(p): i for i, p in enumerate(reference_params)}
+        self.param_groups = []
+        self._group_to_param_list = []
+        self.state = []
+        for group in other.param_groups:
+            hyper = copy.deepcopy({k: v for k, v in group.items() if k != "params"})
+            self.param_groups.append({**hyper, "params": [None] * len(group["params"])})
+            state = collections.defaultdict(dict)
+            indices = []
+            for p_idx, param in enumerate(group["params"]):
+                if id(param) not in index_of:
+                    raise ValueError(
+                        f"Optimizer parameter of shape {tuple(param.shape)} is missing from the "
+                        "parameters being unrolled; pass every parameter of the optimizer."
+                    )
+                indices.append(index_of[id(param)])
+                if other.state.get(param):
+                    state[p_idx] = {k: _copy_state(v) for k, v in other.state[param].items()}
+            self.state.append(state)
+            self._group_to_param_list.append(indices)
+        if override is not None:
+            self._apply_override(override)
+        self._grad_callback = None
+        self._fmodel = None
+        self._track_higher_grads = True
 
     def _state_for(self, group_idx: int, p_idx: int) -> dict:
         return self.state[group_idx][p_idx]
@@ -181,7 +226,7 @@ def make_differentiable(
     cls = _check_supported(optimizer)
     reference_params = list(reference_params)
     _check_params(reference_params)
-    return cls(optimizer, reference_params, override=override, track_higher_grads=True)
+    return cls(optimizer, reference_params, override=override)
 
 
 def export_state(

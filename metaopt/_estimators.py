@@ -215,8 +215,8 @@ class UnrolledPT(PTEstimator):
     """Backpropagation through the last ``T`` recorded PT steps (truncated, exact for them).
 
     Each ``MetaPTOptimizer.step(loss_fn=...)`` records the parameters, the optimizer state, the
-    learning rates and the random-number state before the step, with the closure that computes
-    that step's PT loss. A hyperstep replays the last ``T`` steps differentiably from the oldest
+    learning rates and the random-number state saved by the preceding ``zero_grad()`` (so
+    dropout masks replay), with the closure that computes that step's PT loss. A hyperstep replays the last ``T`` steps differentiably from the oldest
     record and backpropagates ``v`` through them to the meta-parameters. Memory grows linearly
     with ``T`` (one copy of the parameters and optimizer state per recorded step, plus the graph
     of ``T`` steps during the hyperstep).

@@ -67,7 +67,7 @@ class _StepRecord:
     theta: list[torch.Tensor]
     state: dict
     lrs: list[Any]
-    rng: torch.Tensor
+    rng: tuple
     loss_fn: PTLoss
 
 
@@ -128,6 +128,7 @@ class MetaPTOptimizer:
         self._records: collections.deque[_StepRecord] = collections.deque(
             maxlen=getattr(self.pt_estimator, "steps", 1)
         )
+        self._rng_before_step: tuple | None = None
         self.step_count = 0
         self.hyperstep_count = 0
 
@@ -152,6 +153,10 @@ class MetaPTOptimizer:
         self.optimizer.zero_grad(set_to_none=set_to_none)
         for param in self.meta_params:
             _clear_grad(param, set_to_none)
+        if isinstance(self.pt_estimator, UnrolledPT):
+            # The forward pass of the coming step starts from this random state (dropout masks),
+            # so a replay that restores it reproduces the step.
+            self._rng_before_step = _rng_state(self.theta[0].device)
 
     def step(
         self, closure: Callable[[], Any] | None = None, *, loss_fn: PTLoss | None = None
@@ -214,14 +219,18 @@ class MetaPTOptimizer:
 
     # ----- hypersteps -----
 
-    def hyperstep(self, pt_loss: PTLoss | None = None) -> HyperstepRecord:
+    def hyperstep(self, pt_loss: PTLoss | torch.Tensor | None = None) -> HyperstepRecord:
         """Compute the hypergradient, write it to the meta-parameters' ``.grad`` and step them.
 
         Args:
             pt_loss: a closure returning the PT loss on a fresh PT batch (a scalar tensor that
                 reads the meta-parameters). The implicit estimators take ``H`` and
                 ``d2L_PT/(dtheta dphi)`` from it. ``UnrolledPT`` uses the recorded steps instead
-                and ignores it.
+                and ignores it. It may also be the PT loss tensor of the current step before
+                ``backward()``: the hyperstep then reuses its forward graph and accumulates
+                ``dL_PT/dtheta`` into the PT parameters' ``.grad`` as ``loss.backward()`` would,
+                so ``meta.step()`` follows directly. This saves one forward and one backward
+                pass per hyperstep.
 
         Returns:
             A :class:`HyperstepRecord`.
@@ -237,6 +246,11 @@ class MetaPTOptimizer:
             raise ValueError(
                 f"{type(self.pt_estimator).__name__} needs the PT loss: call "
                 "meta.hyperstep(lambda: pt_loss(model, next_pt_batch, ...))."
+            )
+        if not self.pt_estimator.implicit and isinstance(pt_loss, torch.Tensor):
+            raise ValueError(
+                "UnrolledPT differentiates through recorded steps and cannot reuse a PT loss "
+                "tensor: call loss.backward() and meta.step(loss_fn=...), then meta.hyperstep()."
             )
         if not self.pt_estimator.implicit and not self._records:
             raise ValueError(
@@ -264,28 +278,37 @@ class MetaPTOptimizer:
         return unrolled_ft(self.finetune, self.model, self.theta)
 
     def _pt_stage(
-        self, ft: FTResult, pt_loss: PTLoss | None
+        self, ft: FTResult, pt_loss: PTLoss | torch.Tensor | None
     ) -> tuple[list[torch.Tensor] | None, SolveInfo]:
+        failed = None
         if not torch.isfinite(ft.val_loss):
-            self._report_nonfinite("meta-FT val loss", ft.val_loss.item())
-            return None, SolveInfo()
-        if not all(torch.isfinite(x).all() for x in ft.v):
-            self._report_nonfinite("FT-stage gradient dL_val/dtheta", "NaN or inf entries")
+            failed = ("meta-FT val loss", ft.val_loss.item())
+        elif not all(torch.isfinite(x).all() for x in ft.v):
+            failed = ("FT-stage gradient dL_val/dtheta", "NaN or inf entries")
+        if failed is not None:
+            if isinstance(pt_loss, torch.Tensor):  # the PT step still needs its gradient
+                _check_pt_loss(pt_loss)
+                grads = torch.autograd.grad(pt_loss, self.theta, allow_unused=True)
+                _accumulate_grads(self.theta, grads)
+            self._report_nonfinite(*failed)
             return None, SolveInfo()
         if self.pt_estimator.implicit:
             return self._implicit_pt(ft.v, pt_loss)
         return self._unrolled_pt(ft.v), SolveInfo()
 
     def _implicit_pt(
-        self, v: list[torch.Tensor], pt_loss: PTLoss
+        self, v: list[torch.Tensor], pt_loss: PTLoss | torch.Tensor
     ) -> tuple[list[torch.Tensor] | None, SolveInfo]:
-        loss = pt_loss()
+        reuse = isinstance(pt_loss, torch.Tensor)
+        loss = pt_loss if reuse else pt_loss()
         _check_pt_loss(loss)
         if not torch.isfinite(loss):
             self._report_nonfinite("PT loss", loss.item())
             return None, SolveInfo()
 
         grads = torch.autograd.grad(loss, self.theta, create_graph=True, allow_unused=True)
+        if reuse:
+            _accumulate_grads(self.theta, grads)
         linked = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         linked_grads = [grads[i] for i in linked]
         linked_theta = [self.theta[i] for i in linked]
@@ -320,7 +343,9 @@ class MetaPTOptimizer:
         state = {p: copy.deepcopy(self.optimizer.state[p]) for p in self.theta
                  if p in self.optimizer.state}
         lrs = [copy.deepcopy(g["lr"]) for g in self.optimizer.param_groups]
-        return _StepRecord(theta, state, lrs, torch.get_rng_state(), loss_fn)
+        rng = self._rng_before_step or _rng_state(self.theta[0].device)
+        self._rng_before_step = None
+        return _StepRecord(theta, state, lrs, rng, loss_fn)
 
     def _unrolled_pt(self, v: list[torch.Tensor]) -> list[torch.Tensor]:
         records = list(self._records)
@@ -329,17 +354,18 @@ class MetaPTOptimizer:
         frozen.state = collections.defaultdict(dict, first.state)
         diffopt = _diffopt.make_differentiable(frozen, self.theta)
 
-        rng = torch.get_rng_state()
+        device = self.theta[0].device
+        rng = _rng_state(device)
         fast = [t.clone().requires_grad_() for t in first.theta]
         try:
             for record in records:
-                torch.set_rng_state(record.rng)
+                _set_rng_state(device, record.rng)
                 with swapped_parameters([self.model], self.theta, fast):
                     loss = record.loss_fn()
                 _check_pt_loss(loss)
                 fast = diffopt.step(loss, params=fast, override={"lr": record.lrs})
         finally:
-            torch.set_rng_state(rng)
+            _set_rng_state(device, rng)
 
         self._check_replay(fast)
         grads = torch.autograd.grad(fast, self.meta_params, grad_outputs=v, allow_unused=True)
@@ -449,6 +475,28 @@ class MetaPTOptimizer:
             applied=applied,
             seconds=seconds,
         )
+
+
+def _rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(device: torch.device, state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def _accumulate_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]):
+    for param, grad in zip(params, grads):
+        if grad is None:
+            continue
+        if param.grad is None:
+            param.grad = grad.detach().clone()
+        else:
+            param.grad.add_(grad.detach())
 
 
 def _clear_grad(param: torch.Tensor, set_to_none: bool) -> None:

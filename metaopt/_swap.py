@@ -57,7 +57,10 @@ def saved_buffers(modules: Sequence[nn.Module]) -> Iterator[None]:
     finally:
         with torch.no_grad():
             for buffer, copy in saved:
-                buffer.copy_(copy)
+                # Untouched buffers keep their version counter, so a graph that saved them
+                # (BatchNorm in eval mode, say) stays valid for a later backward.
+                if not torch.equal(buffer, copy):
+                    buffer.copy_(copy)
 
 
 @contextlib.contextmanager

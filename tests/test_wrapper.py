@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -23,7 +24,7 @@ class Net(nn.Module):
 class Setup:
     """A task-weighting run with Adam everywhere and a BatchNorm augmentation meta-module."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, estimator: metaopt.PTEstimator | None = None) -> None:
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(0)  # the same data for every seed
         self.tasks = 3
@@ -42,6 +43,7 @@ class Setup:
                 self.head, torch.optim.Adam(self.head.parameters(), lr=1e-2),
                 loss=lambda m, h, b: (h(m(b[0])) - b[1]).pow(2).mean(), train=ft, val=ft[:2],
             ),
+            pt_estimator=estimator,
         )
 
     def pt_loss(self, batch) -> torch.Tensor:
@@ -155,3 +157,40 @@ def test_param_groups_are_shared_with_pt_optimizer() -> None:
     setup = Setup()
     setup.meta.param_groups[0]["lr"] = 0.5
     assert setup.meta.optimizer.param_groups[0]["lr"] == 0.5
+
+
+def test_loss_tensor_reuses_forward_graph() -> None:
+    closure_run, tensor_run = Setup(), Setup()
+    batch = closure_run.pt_data[0]
+    for setup in (closure_run, tensor_run):
+        setup.model.eval()  # no dropout, so both runs see identical PT losses
+
+    closure_run.pt_loss(batch).backward()
+    closure_record = closure_run.meta.hyperstep(lambda: closure_run.pt_loss(batch))
+    tensor_record = tensor_run.meta.hyperstep(tensor_run.pt_loss(batch))
+
+    assert tensor_record.hypergrad_norm == closure_record.hypergrad_norm
+    torch.testing.assert_close(tensor_run.phi, closure_run.phi, rtol=0, atol=0)
+    for got, expected in zip(tensor_run.model.parameters(), closure_run.model.parameters()):
+        assert got.grad is not None
+        torch.testing.assert_close(got.grad, expected.grad, rtol=1e-6, atol=1e-8)
+
+
+def test_loss_tensor_rejected_for_unrolled_pt() -> None:
+    setup = Setup(estimator=metaopt.UnrolledPT(steps=1))
+    with pytest.raises(ValueError, match="cannot reuse a PT loss tensor"):
+        setup.meta.hyperstep(setup.pt_loss(setup.pt_data[0]))
+
+
+def test_unrolled_pt_replays_dropout_steps() -> None:
+    setup = Setup(estimator=metaopt.UnrolledPT(steps=3))
+    for step in range(4):
+        setup.meta.zero_grad()
+        loss = setup.pt_loss(setup.pt_data[step])  # the model has dropout in train mode
+        loss.backward()
+        setup.meta.step(loss_fn=lambda b=setup.pt_data[step]: setup.pt_loss(b))
+
+    record = setup.meta.hyperstep()  # warnings are errors: a replay mismatch would fail here
+
+    assert record.applied
+    assert record.hypergrad_norm > 0
