@@ -175,10 +175,12 @@ def test_unrolled_pt_without_records_is_rejected() -> None:
 def test_unrolled_pt_warns_on_irreproducible_loss_fn() -> None:
     phi = metaopt.Param(torch.zeros(3), name="logits")
     meta, model = _wrapper(phi, pt_estimator=metaopt.UnrolledPT(steps=2))
+    batches = iter([torch.randn(4, 3) for _ in range(4)])
     for _ in range(2):
         meta.zero_grad()
-        (torch.sigmoid(phi) * model(torch.randn(4, 3))).pow(2).mean().backward()
-        meta.step(loss_fn=lambda: (torch.sigmoid(phi) * model(torch.randn(4, 3))).pow(2).mean())
+        (torch.sigmoid(phi) * model(next(batches))).pow(2).mean().backward()
+        # The closure draws the next batch instead of reusing this step's batch.
+        meta.step(loss_fn=lambda: (torch.sigmoid(phi) * model(next(batches))).pow(2).mean())
     with pytest.warns(metaopt.MetaOptWarning, match="capture the batch in the closure"):
         meta.hyperstep()
 
