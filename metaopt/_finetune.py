@@ -13,7 +13,7 @@ from torch import nn
 from . import _diffopt
 from ._swap import swapped_parameters
 
-__all__ = ["FineTune", "FTResult", "FT_MODES"]
+__all__ = ["FineTune", "FTResult", "FT_MODES", "train_head"]
 
 logger = logging.getLogger(__name__)
 
@@ -212,10 +212,10 @@ def unrolled_ft(ft: FineTune, model: nn.Module, theta: Sequence[torch.Tensor]) -
     return FTResult(v, val_loss.detach(), torch.stack(train_losses).mean())
 
 
-def _real_head_steps(ft: FineTune, model: nn.Module) -> torch.Tensor:
+def _real_head_steps(ft: FineTune, model: nn.Module, steps: int | None = None) -> torch.Tensor:
     head_params = ft.params
     losses = []
-    for _ in range(ft.steps):
+    for _ in range(ft.steps if steps is None else steps):
         loss = ft.loss(model, ft.head, ft.train.next())
         _check_scalar(loss, "FT train loss")
         grads = torch.autograd.grad(loss, head_params, allow_unused=True)
@@ -225,6 +225,17 @@ def _real_head_steps(ft: FineTune, model: nn.Module) -> torch.Tensor:
         ft.optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
     return torch.stack(losses).mean()
+
+
+def train_head(ft: FineTune, model: nn.Module, steps: int) -> torch.Tensor:
+    """Take ``steps`` plain optimizer steps on the head over meta-FT train batches.
+
+    Gradients reach only the head (``torch.autograd.grad`` with respect to its parameters), so
+    the PT parameters' ``.grad`` is left alone. Returns the mean FT loss of the steps.
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"train_head steps must be an integer >= 1, got {steps!r}.")
+    return _real_head_steps(ft, model, steps)
 
 
 def implicit_ft(ft: FineTune, model: nn.Module, theta: Sequence[torch.Tensor]) -> FTResult:

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import _diffopt
 from ._estimators import Neumann, PTEstimator, SolveInfo, UnrolledPT
-from ._finetune import FineTune, FTResult, implicit_ft, unrolled_ft
+from ._finetune import FineTune, FTResult, implicit_ft, train_head, unrolled_ft
 from ._param import is_meta, meta_name, owning_module
 from ._swap import saved_buffers, saved_training_modes, swapped_parameters
 
@@ -218,6 +218,22 @@ class MetaPTOptimizer:
         self._records.clear()
 
     # ----- hypersteps -----
+
+    def train_head(self, steps: int = 1) -> float:
+        """Train the FT head for ``steps`` plain steps on meta-FT train batches (a warm-up).
+
+        The reference schedule trains the head on the side during a warm-up phase of plain PT,
+        so the first hypersteps start from a useful head. The model is in eval mode during
+        these steps when ``FineTune.encoder_eval`` is set, and its buffers are left unchanged.
+
+        Returns:
+            The mean FT training loss of the steps.
+        """
+        modules = [self.model, self.finetune.head]
+        with saved_buffers([self.model]), saved_training_modes(modules):
+            if self.finetune.encoder_eval:
+                self.model.eval()
+            return float(train_head(self.finetune, self.model, steps))
 
     def hyperstep(self, pt_loss: PTLoss | torch.Tensor | None = None) -> HyperstepRecord:
         """Compute the hypergradient, write it to the meta-parameters' ``.grad`` and step them.

@@ -194,3 +194,24 @@ def test_unrolled_pt_replays_dropout_steps() -> None:
 
     assert record.applied
     assert record.hypergrad_norm > 0
+
+
+def test_train_head_moves_only_the_head() -> None:
+    setup = Setup()
+    model_before = [p.detach().clone() for p in setup.model.parameters()]
+    head_before = [p.detach().clone() for p in setup.head.parameters()]
+
+    loss = setup.meta.train_head(steps=3)
+
+    assert loss > 0
+    assert setup.meta.finetune.train.consumed == 3
+    for param, old in zip(setup.model.parameters(), model_before):
+        assert torch.equal(param.detach(), old)
+        assert param.grad is None
+    for param, old in zip(setup.head.parameters(), head_before):
+        assert not torch.equal(param.detach(), old)
+
+
+def test_train_head_rejects_zero_steps() -> None:
+    with pytest.raises(ValueError, match="train_head steps must be an integer >= 1, got 0"):
+        Setup().meta.train_head(steps=0)
