@@ -219,7 +219,9 @@ class UnrolledPT(PTEstimator):
     dropout masks replay), with the closure that computes that step's PT loss. A hyperstep replays the last ``T`` steps differentiably from the oldest
     record and backpropagates ``v`` through them to the meta-parameters. Memory grows linearly
     with ``T`` (one copy of the parameters and optimizer state per recorded step, plus the graph
-    of ``T`` steps during the hyperstep).
+    of ``T`` steps during the hyperstep). The window restarts after each applied meta-update,
+    because earlier steps ran with other meta-parameter values: with a hyperstep every ``M``
+    PT steps the replay covers ``min(T, M)`` steps.
 
     Args:
         steps: ``T``, the number of recorded PT steps to differentiate through.

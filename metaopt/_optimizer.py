@@ -435,6 +435,9 @@ class MetaPTOptimizer:
         self.meta_optimizer.step()
         for param in self.meta_params:
             param.grad = None
+        # Recorded steps ran with the old meta-parameters, so replaying them with the new ones
+        # would not reproduce them; UnrolledPT's window restarts here.
+        self._records.clear()
         return True
 
     def _report_nonfinite(self, what: str, value: Any) -> None:

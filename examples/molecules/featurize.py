@@ -2,11 +2,9 @@
 
 Every atom becomes a row of integer feature indices (atomic number, chirality tag, degree,
 formal charge, aromaticity) and every bond becomes two directed edges carrying integer
-indices (bond type, bond direction, bond stereo). The model embeds each column separately.
-
-Source of the feature set: W. Hu et al., "Strategies for Pre-training Graph Neural
-Networks", ICLR 2020 (atom type and chirality tag; bond type and bond direction), extended
-with degree, formal charge, aromaticity and bond stereo.
+indices (bond type, bond direction, bond stereo). The model embeds each column separately,
+as in the categorical encoding of W. Hu et al., "Strategies for Pre-training Graph Neural
+Networks", ICLR 2020.
 """
 
 from __future__ import annotations

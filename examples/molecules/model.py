@@ -33,7 +33,7 @@ class CategoricalEncoder(nn.Module):
 
 
 class GINEncoder(nn.Module):
-    """Graph isomorphism network whose messages add bond embeddings (GINE, Hu et al. 2020).
+    """Graph isomorphism network whose messages add bond embeddings (torch_geometric GINEConv).
 
     Each layer: GINEConv with a two-layer MLP (hidden -> 2 * hidden -> hidden), BatchNorm,
     ReLU except after the last layer, dropout. The node embeddings are pooled per graph.
@@ -48,7 +48,7 @@ class GINEncoder(nn.Module):
         if layers < 1:
             raise ValueError(f"a GIN needs at least 1 layer, got layers={layers}")
         if pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}; choose one of {sorted(POOLINGS)}")
+            raise ValueError(f"unknown pooling {pooling!r}, expected one of {sorted(POOLINGS)}")
         self.hidden = hidden
         self.dropout = dropout
         self.pool = POOLINGS[pooling]

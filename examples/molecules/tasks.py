@@ -98,12 +98,12 @@ def select_tasks_by_prevalence(
     """
     if labels.shape[1] != len(names):
         raise ValueError(
-            f"labels has {labels.shape[1]} columns but {len(names)} task names were given; "
+            f"labels has {labels.shape[1]} columns but {len(names)} task names were given: "
             "pass one name per label column"
         )
     if not 0.0 <= min_prevalence < max_prevalence <= 1.0:
         raise ValueError(
-            f"invalid prevalence range [{min_prevalence}, {max_prevalence}]; "
+            f"invalid prevalence range [{min_prevalence}, {max_prevalence}], "
             "expected 0 <= min < max <= 1"
         )
     prevalence = labels.mean(axis=0) if len(labels) else np.zeros(len(names))
