@@ -66,22 +66,27 @@ class _Exact(higher.optim.DifferentiableOptimizer):
         self.param_groups = []
         self._group_to_param_list = []
         self.state = []
+        self.original_params: list[list[torch.Tensor]] = []
         for group in other.param_groups:
+            # Frozen parameters (requires_grad=False) stay out of the unroll, as torch.optim
+            # skips parameters without a gradient.
+            members = [p for p in group["params"] if p.requires_grad]
             hyper = copy.deepcopy({k: v for k, v in group.items() if k != "params"})
-            self.param_groups.append({**hyper, "params": [None] * len(group["params"])})
+            self.param_groups.append({**hyper, "params": [None] * len(members)})
             state = collections.defaultdict(dict)
             indices = []
-            for p_idx, param in enumerate(group["params"]):
+            for p_idx, param in enumerate(members):
                 if id(param) not in index_of:
                     raise ValueError(
                         f"Optimizer parameter of shape {tuple(param.shape)} is missing from the "
-                        "parameters being unrolled; pass every parameter of the optimizer."
+                        "parameters being unrolled; pass every trainable parameter."
                     )
                 indices.append(index_of[id(param)])
                 if other.state.get(param):
                     state[p_idx] = {k: _copy_state(v) for k, v in other.state[param].items()}
             self.state.append(state)
             self._group_to_param_list.append(indices)
+            self.original_params.append(members)
         if override is not None:
             self._apply_override(override)
         self._grad_callback = None
@@ -238,8 +243,8 @@ def export_state(
     After ``K`` differentiable steps this leaves ``optimizer`` exactly as ``K`` real steps on the
     same losses would have left it (the parameter values are copied separately).
     """
-    for group_idx, group in enumerate(optimizer.param_groups):
-        for p_idx, param in enumerate(group["params"]):
+    for group_idx in range(len(optimizer.param_groups)):
+        for p_idx, param in enumerate(diffopt.original_params[group_idx]):
             new_state = diffopt.state[group_idx].get(p_idx)
             if not new_state:
                 continue

@@ -38,16 +38,31 @@ class SolveInfo:
     Attributes:
         residual: relative residual ``||v - A p|| / ||v||`` of the linear system that was solved
             (CG, exact solve), or for Neumann the norm of the last series term over ``||v||``.
-        diverged: True when the solver detected divergence (Neumann: ``alpha * lambda > 2``
-            for a Rayleigh quotient ``lambda`` of ``H``; CG: negative curvature).
-        curvature: the largest Rayleigh quotient of ``H`` seen (1/parameter units), if computed.
+        diverged: True when the solver detected divergence. Neumann: ``alpha * lambda > 2`` for
+            a Rayleigh quotient ``lambda`` of ``H``, or a last term more than twice as long as
+            ``v`` (negative curvature makes the series grow). CG: a direction of non-positive
+            curvature. Exact solve: ``H + damping I`` not positive definite.
+        curvature: the largest Rayleigh quotient (exact solve: eigenvalue) of ``H`` seen.
+        min_curvature: the smallest Rayleigh quotient (exact solve: eigenvalue) of ``H`` seen.
         hvps: the number of Hessian-vector products used.
     """
 
     residual: float | None = None
     diverged: bool = False
     curvature: float | None = None
+    min_curvature: float | None = None
     hvps: int = 0
+
+    def observe(self, direction: torch.Tensor, h_direction: torch.Tensor) -> None:
+        """Update the curvature range with the Rayleigh quotient of one direction."""
+        norm_sq = torch.dot(direction, direction)
+        if norm_sq <= 0:
+            return
+        quotient = (torch.dot(direction, h_direction) / norm_sq).item()
+        self.curvature = quotient if self.curvature is None else max(self.curvature, quotient)
+        self.min_curvature = (
+            quotient if self.min_curvature is None else min(self.min_curvature, quotient)
+        )
 
 
 def _check_positive_int(name: str, value: int, minimum: int) -> None:
@@ -94,22 +109,19 @@ class Neumann(PTEstimator):
 
     def solve(self, v: torch.Tensor, hvp: HVP, alpha: float) -> tuple[torch.Tensor, SolveInfo]:
         alpha = self.alpha if self.alpha is not None else alpha
+        info = SolveInfo(hvps=self.terms)
         term = v
         total = v.clone()
-        curvature = -math.inf
         for _ in range(self.terms):
             h_term = hvp(term)
-            norm_sq = torch.dot(term, term)
-            if norm_sq > 0:
-                curvature = max(curvature, (torch.dot(term, h_term) / norm_sq).item())
+            info.observe(term, h_term)
             term = term - alpha * h_term
             total = total + term
 
         v_norm = torch.linalg.vector_norm(v).item()
-        residual = torch.linalg.vector_norm(term).item() / v_norm if v_norm > 0 else 0.0
-        curvature_or_none = curvature if curvature > -math.inf else None
-        diverged = curvature_or_none is not None and alpha * curvature_or_none > 2
-        info = SolveInfo(residual, diverged, curvature_or_none, self.terms)
+        info.residual = torch.linalg.vector_norm(term).item() / v_norm if v_norm > 0 else 0.0
+        too_steep = info.curvature is not None and alpha * info.curvature > 2
+        info.diverged = too_steep or info.residual > 2
         return alpha * total, info
 
 
@@ -149,7 +161,9 @@ class ConjugateGradient(PTEstimator):
         for _ in range(self.iterations):
             if (rr.sqrt() / v_norm).item() <= self.tol:
                 break
-            ad = hvp(d) + self.damping * d
+            hd = hvp(d)
+            info.observe(d, hd)
+            ad = hd + self.damping * d
             info.hvps += 1
             curvature = torch.dot(d, ad)
             if curvature <= 0:
@@ -204,10 +218,18 @@ class ExactSolve(PTEstimator):
             )
         eye = torch.eye(n, dtype=v.dtype, device=v.device)
         hessian = torch.stack([hvp(eye[i]) for i in range(n)])
-        hessian = 0.5 * (hessian + hessian.T) + self.damping * eye
-        p = torch.linalg.solve(hessian, v)
-        residual = torch.linalg.vector_norm(v - hessian @ p) / torch.linalg.vector_norm(v)
-        return p, SolveInfo(residual=residual.nan_to_num(0.0).item(), hvps=n)
+        hessian = 0.5 * (hessian + hessian.T)
+        eigenvalues = torch.linalg.eigvalsh(hessian)
+        system = hessian + self.damping * eye
+        p = torch.linalg.solve(system, v)
+        residual = torch.linalg.vector_norm(v - system @ p) / torch.linalg.vector_norm(v)
+        return p, SolveInfo(
+            residual=residual.nan_to_num(0.0).item(),
+            diverged=bool(eigenvalues[0] + self.damping <= 0),
+            curvature=eigenvalues[-1].item(),
+            min_curvature=eigenvalues[0].item(),
+            hvps=n,
+        )
 
 
 @dataclasses.dataclass

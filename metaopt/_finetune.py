@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -54,8 +55,14 @@ class _BatchCycle:
         """Restart and skip ``consumed`` batches, so a resumed run sees the same batches."""
         self._iterator = None
         self.consumed = 0
-        for _ in range(consumed):
+        skip = consumed
+        if hasattr(self._batches, "__len__") and len(self._batches) > 0:
+            # A sized collection restarts every len() batches, so whole passes need no replay.
+            # NOTE: this assumes each pass yields the same batches (no reshuffling per pass).
+            skip = consumed % len(self._batches)
+        for _ in range(skip):
             self.next()
+        self.consumed = consumed
 
 
 class FineTune:
@@ -126,8 +133,10 @@ class FineTune:
                 f"FineTune implicit_iterations must be an integer >= 1, got "
                 f"{implicit_iterations!r}."
             )
-        if implicit_damping < 0:
-            raise ValueError(f"FineTune implicit_damping must be >= 0, got {implicit_damping!r}.")
+        if not math.isfinite(implicit_damping) or implicit_damping < 0:
+            raise ValueError(
+                f"FineTune implicit_damping must be a finite number >= 0, got {implicit_damping!r}."
+            )
         _diffopt._check_supported(optimizer)
 
         self.head = head
@@ -143,24 +152,55 @@ class FineTune:
 
     @property
     def params(self) -> list[torch.Tensor]:
-        """The head parameters that ``optimizer`` trains, in group order."""
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
+        """The head parameters that ``optimizer`` trains (``requires_grad``), in group order."""
+        return [
+            p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad
+        ]
 
 
 @dataclasses.dataclass
 class FTResult:
-    """Output of the FT stage: ``v`` per PT parameter and the two FT losses."""
+    """Output of the FT stage: ``v`` per PT parameter and the two FT losses.
+
+    ``reaches_theta`` is False when the validation loss has no graph to any PT parameter
+    (features computed under ``torch.no_grad()`` or detached), so ``v`` is zero by construction.
+    """
 
     v: list[torch.Tensor]
     val_loss: torch.Tensor
     train_loss: torch.Tensor
+    reaches_theta: bool = True
 
 
 def _grads_or_zeros(
-    outputs: torch.Tensor, inputs: Sequence[torch.Tensor], **kwargs: Any
+    outputs: torch.Tensor | Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    **kwargs: Any,
 ) -> list[torch.Tensor]:
-    grads = torch.autograd.grad(outputs, list(inputs), allow_unused=True, **kwargs)
+    grads = _grads_or_none(outputs, inputs, **kwargs)
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+
+
+def _grads_or_none(
+    outputs: torch.Tensor | Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], **kwargs: Any
+) -> list[torch.Tensor | None]:
+    single = isinstance(outputs, torch.Tensor)
+    if single and not outputs.requires_grad:
+        return [None] * len(inputs)
+    return list(torch.autograd.grad(outputs, list(inputs), allow_unused=True, **kwargs))
+
+
+def _val_gradient(val_loss: torch.Tensor, theta: Sequence[torch.Tensor]) -> tuple[list, bool]:
+    """Return ``dL_val/dtheta`` (zeros where unused) and whether any PT parameter is reached."""
+    if not torch.isfinite(val_loss):
+        return [], True
+    grads = _grads_or_none(val_loss, theta)
+    reaches = any(g is not None for g in grads)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, theta)], reaches
+
+
+def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _full_optimizer(ft: FineTune, theta: Sequence[torch.Tensor]) -> torch.optim.Optimizer:
@@ -203,13 +243,17 @@ def unrolled_ft(ft: FineTune, model: nn.Module, theta: Sequence[torch.Tensor]) -
     with swapped_parameters(modules, moving, fast):
         val_loss = ft.loss(model, ft.head, ft.val.next())
     _check_scalar(val_loss, "meta-FT val loss")
-    v = _grads_or_zeros(val_loss, theta) if torch.isfinite(val_loss) else []
+    v, reaches = _val_gradient(val_loss, theta)
 
-    with torch.no_grad():
-        for param, new in zip(head_params, fast):
-            param.copy_(new)
-    _diffopt.export_state(diffopt, ft.optimizer)
-    return FTResult(v, val_loss.detach(), torch.stack(train_losses).mean())
+    # A non-finite FT step would leave a broken head for every later hyperstep, so the head
+    # and its optimizer move only when the whole FT stage is finite.
+    new_head = fast[: len(head_params)]
+    if torch.isfinite(val_loss) and _all_finite(new_head):
+        with torch.no_grad():
+            for param, new in zip(head_params, new_head):
+                param.copy_(new)
+        _diffopt.export_state(diffopt, ft.optimizer)
+    return FTResult(v, val_loss.detach(), torch.stack(train_losses).mean(), reaches)
 
 
 def _real_head_steps(ft: FineTune, model: nn.Module, steps: int | None = None) -> torch.Tensor:
@@ -245,21 +289,32 @@ def implicit_ft(ft: FineTune, model: nn.Module, theta: Sequence[torch.Tensor]) -
     ``(d2L_FT/dpsi2 + damping I) q = dL_val/dpsi``, ``v = dL_val/dtheta - (dg_psi/dtheta)^T q``.
     """
     head_params = ft.params
+    saved_head = [p.detach().clone() for p in head_params]
+    saved_state = copy.deepcopy(ft.optimizer.state_dict())
     train_loss = _real_head_steps(ft, model)
 
     loss = ft.loss(model, ft.head, ft.train.next())
+    _check_scalar(loss, "FT train loss")
     g_psi = torch.autograd.grad(loss, head_params, create_graph=True)
     val_loss = ft.loss(model, ft.head, ft.val.next())
     _check_scalar(val_loss, "meta-FT val loss")
-    if not torch.isfinite(val_loss):
+    if not (torch.isfinite(val_loss) and _all_finite(head_params)):
+        with torch.no_grad():  # undo the real head steps, as the unrolled modes do
+            for param, old in zip(head_params, saved_head):
+                param.copy_(old)
+        ft.optimizer.load_state_dict(saved_state)
         return FTResult([], val_loss.detach(), train_loss)
-    grads = _grads_or_zeros(val_loss, list(theta) + head_params)
+
+    grads = _grads_or_none(val_loss, list(theta) + head_params)
+    reaches = any(g is not None for g in grads[: len(theta)])
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, [*theta, *head_params])]
     dval_theta, dval_psi = grads[: len(theta)], grads[len(theta):]
 
     q = _cg_small(g_psi, head_params, dval_psi, ft.implicit_iterations, ft.implicit_damping)
-    mixed = _grads_or_zeros(g_psi, theta, grad_outputs=q)
-    v = [a - b for a, b in zip(dval_theta, mixed)]
-    return FTResult(v, val_loss.detach(), train_loss)
+    mixed = _grads_or_none(list(g_psi), theta, grad_outputs=q)
+    reaches = reaches or any(g is not None for g in mixed)
+    v = [a if b is None else a - b for a, b in zip(dval_theta, mixed)]
+    return FTResult(v, val_loss.detach(), train_loss, reaches)
 
 
 def _cg_small(

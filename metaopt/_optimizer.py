@@ -45,6 +45,7 @@ class HyperstepRecord:
         residual: the PT solver's relative residual (see ``SolveInfo``), or None.
         diverged: whether the PT solver detected divergence.
         curvature: the largest Hessian Rayleigh quotient the solver saw, or None.
+        min_curvature: the smallest Hessian Rayleigh quotient the solver saw, or None.
         applied: whether the meta-optimizer stepped (False when a check skipped the update).
         seconds: wall time of the hyperstep.
     """
@@ -56,6 +57,7 @@ class HyperstepRecord:
     residual: float | None
     diverged: bool
     curvature: float | None
+    min_curvature: float | None
     applied: bool
     seconds: float
 
@@ -90,8 +92,8 @@ class MetaPTOptimizer:
             :class:`FirstOrder`, :class:`ExactSolve` or :class:`UnrolledPT`.
         on_nonfinite: ``"raise"`` (default) a ``FloatingPointError``, or ``"warn"`` and skip the
             update, when a loss or the hypergradient is NaN or infinite.
-        on_divergence: ``"warn"`` (default), ``"skip"`` (warn and leave ``phi`` unchanged) or
-            ``"raise"`` when the PT solver reports divergence.
+        on_divergence: ``"skip"`` (default: warn and leave ``phi`` unchanged), ``"warn"`` (warn
+            and apply the update) or ``"raise"`` when the PT solver reports divergence.
     """
 
     def __init__(
@@ -103,7 +105,7 @@ class MetaPTOptimizer:
         finetune: FineTune,
         pt_estimator: PTEstimator | None = None,
         on_nonfinite: str = "raise",
-        on_divergence: str = "warn",
+        on_divergence: str = "skip",
     ) -> None:
         _check_types(model, optimizer, meta_optimizer, finetune, pt_estimator)
         _check_policy("on_nonfinite", on_nonfinite, ("raise", "warn"))
@@ -123,6 +125,8 @@ class MetaPTOptimizer:
         _check_flat_compatible(self.theta)
         if not self.pt_estimator.implicit:
             _diffopt._check_supported(optimizer)
+        if not self.pt_estimator.implicit or finetune.mode == "full":
+            _check_inside_model(model, self.theta)
 
         self._meta_modules = _meta_modules(self.meta_params)
         self._records: collections.deque[_StepRecord] = collections.deque(
@@ -280,7 +284,7 @@ class MetaPTOptimizer:
                 ft = self._ft_stage()
             hypergrad, info = self._pt_stage(ft, pt_loss)
 
-        applied = self._apply(hypergrad, info, ft)
+        applied = self._apply(hypergrad, info) if ft.reaches_theta else False
         self.hyperstep_count += 1
         record = self._make_record(ft, hypergrad, info, applied, time.perf_counter() - start)
         logger.debug("hyperstep %d: %s", self.hyperstep_count, record)
@@ -302,12 +306,19 @@ class MetaPTOptimizer:
         elif not all(torch.isfinite(x).all() for x in ft.v):
             failed = ("FT-stage gradient dL_val/dtheta", "NaN or inf entries")
         if failed is not None:
-            if isinstance(pt_loss, torch.Tensor):  # the PT step still needs its gradient
-                _check_pt_loss(pt_loss)
-                grads = torch.autograd.grad(pt_loss, self.theta, allow_unused=True)
-                _accumulate_grads(self.theta, grads)
+            self._backward_reused(pt_loss)
             self._report_nonfinite(*failed)
             return None, SolveInfo()
+        if not ft.reaches_theta:
+            self._backward_reused(pt_loss)
+            warnings.warn(
+                "The meta-FT val loss does not depend on any PT parameter, so the hypergradient "
+                "is zero and the meta-parameters were left unchanged. FineTune.loss must call "
+                "the model without torch.no_grad() or .detach() on its features.",
+                MetaOptWarning,
+                stacklevel=4,
+            )
+            return [torch.zeros_like(p) for p in self.meta_params], SolveInfo()
         if self.pt_estimator.implicit:
             return self._implicit_pt(ft.v, pt_loss)
         return self._unrolled_pt(ft.v), SolveInfo()
@@ -319,6 +330,7 @@ class MetaPTOptimizer:
         loss = pt_loss if reuse else pt_loss()
         _check_pt_loss(loss)
         if not torch.isfinite(loss):
+            self._backward_reused(pt_loss)
             self._report_nonfinite("PT loss", loss.item())
             return None, SolveInfo()
 
@@ -353,6 +365,16 @@ class MetaPTOptimizer:
         )
         self._check_reached(mixed)
         return [-m for m in mixed], info
+
+    def _backward_reused(self, pt_loss: PTLoss | torch.Tensor | None) -> None:
+        """Accumulate ``dL_PT/dtheta`` from a reused loss tensor when the hyperstep stops early.
+
+        ``hyperstep(loss)`` promises the gradients of ``loss.backward()``, so the PT step that
+        follows is taken (with NaN gradients if the loss is NaN, as plain PyTorch would).
+        """
+        if isinstance(pt_loss, torch.Tensor):
+            _check_pt_loss(pt_loss)
+            _accumulate_grads(self.theta, torch.autograd.grad(pt_loss, self.theta, allow_unused=True))
 
     def _record_step(self, loss_fn: PTLoss) -> _StepRecord:
         theta = [p.detach().clone() for p in self.theta]
@@ -396,8 +418,10 @@ class MetaPTOptimizer:
             warnings.warn(
                 f"UnrolledPT replayed the last {len(self._records)} PT steps to parameters that "
                 f"differ from the actual ones by {diff:.3g} (relative {diff / scale:.3g}). Each "
-                "loss_fn must recompute its step's loss on the same batch; capture the batch in "
-                "the closure, e.g. loss_fn=lambda b=batch: pt_loss(model, b, ...).",
+                "loss_fn must recompute its step's loss on the same batch, so capture the batch "
+                "in the closure, e.g. loss_fn=lambda b=batch: pt_loss(model, b, ...). With "
+                "dropout, call meta.zero_grad() before the forward pass, because the replay "
+                "restores the random state saved there.",
                 MetaOptWarning,
                 stacklevel=4,
             )
@@ -418,14 +442,15 @@ class MetaPTOptimizer:
             "them from meta_optimizer."
         )
 
-    def _apply(
-        self, hypergrad: list[torch.Tensor] | None, info: SolveInfo, ft: FTResult
-    ) -> bool:
+    def _apply(self, hypergrad: list[torch.Tensor] | None, info: SolveInfo) -> bool:
         if hypergrad is None:
             return False
         for param, grad in zip(self.meta_params, hypergrad):
-            if not torch.isfinite(grad).all():
-                self._report_nonfinite(f"hypergradient of {meta_name(param)}", grad)
+            bad = int((~torch.isfinite(grad)).sum())
+            if bad:
+                self._report_nonfinite(
+                    f"hypergradient of {meta_name(param)}", f"{bad} of {grad.numel()} entries"
+                )
                 return False
         if info.diverged and not self._report_divergence(info):
             return False
@@ -451,19 +476,9 @@ class MetaPTOptimizer:
 
     def _report_divergence(self, info: SolveInfo) -> bool:
         """Report a diverging solver; return whether the update should still be applied."""
-        estimator = self.pt_estimator
-        if isinstance(estimator, Neumann) and info.curvature is not None:
-            alpha = estimator.alpha or float(self.optimizer.param_groups[0]["lr"])
-            message = (
-                f"The Neumann series diverges: alpha * lambda = {alpha:.3g} * "
-                f"{info.curvature:.3g} = {alpha * info.curvature:.3g} > 2. Pass "
-                f"Neumann(alpha=...) below {2 / info.curvature:.3g}, or use ConjugateGradient."
-            )
-        else:
-            message = (
-                f"{type(estimator).__name__} met non-positive curvature (residual "
-                f"{info.residual}). Add damping, e.g. ConjugateGradient(damping=1e-3)."
-            )
+        message = _divergence_message(
+            self.pt_estimator, info, float(self.optimizer.param_groups[0]["lr"])
+        )
         if self.on_divergence == "raise":
             raise FloatingPointError(message)
         skip = self.on_divergence == "skip"
@@ -491,9 +506,31 @@ class MetaPTOptimizer:
             residual=info.residual,
             diverged=info.diverged,
             curvature=info.curvature,
+            min_curvature=info.min_curvature,
             applied=applied,
             seconds=seconds,
         )
+
+
+def _divergence_message(estimator: PTEstimator, info: SolveInfo, lr: float) -> str:
+    if isinstance(estimator, Neumann):
+        alpha = estimator.alpha or lr
+        if info.curvature is not None and alpha * info.curvature > 2:
+            return (
+                f"The Neumann series diverges: alpha * lambda = {alpha:.3g} * "
+                f"{info.curvature:.3g} = {alpha * info.curvature:.3g} > 2. Pass "
+                f"Neumann(alpha=...) below {2 / info.curvature:.3g}, or use ConjugateGradient."
+            )
+        return (
+            f"The Neumann series grows (last term {info.residual:.3g} times as long as v): the "
+            f"PT Hessian has negative curvature (Rayleigh quotient {info.min_curvature}). "
+            "Use fewer terms, or ConjugateGradient(damping=...) with damping above that value."
+        )
+    return (
+        f"{type(estimator).__name__} met non-positive curvature (smallest Rayleigh quotient "
+        f"{info.min_curvature}), so the implicit function theorem's PT optimum assumption "
+        "fails here. Add damping, e.g. ConjugateGradient(damping=1e-3), or train PT longer."
+    )
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -565,8 +602,9 @@ def _check_disjoint(
             if is_meta(param):
                 raise ValueError(
                     f"Meta-parameter {meta_name(param)} is in the PT optimizer's param_groups, "
-                    "so PT would train it on the PT loss. Build the PT optimizer from the model "
-                    "parameters only, e.g. torch.optim.Adam(model.parameters())."
+                    "so PT would train it on the PT loss. Leave meta-parameters out of the PT "
+                    "optimizer, e.g. torch.optim.Adam([p for p in model.parameters() "
+                    "if not metaopt.is_meta(p)])."
                 )
     if not meta_params:
         raise ValueError("meta_optimizer has no parameters; pass it the metaopt.Param tensors.")
@@ -585,6 +623,19 @@ def _check_disjoint(
             )
     if not theta:
         raise ValueError("The PT optimizer has no parameters that require gradients.")
+
+
+def _check_inside_model(model: nn.Module, theta: Sequence[torch.Tensor]) -> None:
+    """Reject PT parameters that ``model`` does not register (they cannot be swapped)."""
+    registered = {id(p) for p in model.parameters()}
+    stray = [tuple(p.shape) for p in theta if id(p) not in registered]
+    if stray:
+        raise ValueError(
+            f"{len(stray)} PT optimizer parameter(s) with shapes {stray[:5]} are not in the "
+            "model, but UnrolledPT and FineTune(mode='full') recompute the model with replaced "
+            "parameters. Pass a module that contains every PT parameter, e.g. "
+            "nn.ModuleDict({'encoder': encoder, 'pt_head': pt_head})."
+        )
 
 
 def _check_flat_compatible(theta: Sequence[torch.Tensor]) -> None:

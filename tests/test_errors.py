@@ -128,7 +128,6 @@ def test_neumann_divergence_is_reported_with_fix() -> None:
     problem = RidgeProblem(seed=0)
     lam_max = problem.hessian_max_eigenvalue()
     meta, phi, encoder = problem.build(metaopt.Neumann(terms=10, alpha=3.0 / lam_max))
-    meta.on_divergence = "skip"
     before = phi.detach().clone()
 
     with pytest.warns(metaopt.MetaOptWarning, match=r"Neumann series diverges.*> 2. Pass "
@@ -232,7 +231,8 @@ def test_unsupported_ft_optimizer() -> None:
         ({"mode": "linear"}, "mode must be one of"),
         ({"steps": 0}, "steps must be an integer >= 1, got 0"),
         ({"train": iter([1])}, "must be re-iterable"),
-        ({"implicit_damping": -1.0}, "implicit_damping must be >= 0"),
+        ({"implicit_damping": -1.0}, "implicit_damping must be a finite number >= 0, got -1.0"),
+        ({"implicit_damping": float("nan")}, "implicit_damping must be a finite number >= 0"),
     ],
 )
 def test_finetune_arguments_are_checked(kwargs, message) -> None:
@@ -289,3 +289,127 @@ def test_mixed_dtypes_are_rejected() -> None:
             model, torch.optim.SGD(model.parameters(), lr=0.1),
             meta_optimizer=torch.optim.SGD([phi], lr=1.0), finetune=_ft(nn.Linear(3, 1)),
         )
+
+
+def test_neumann_growth_from_negative_curvature_is_flagged() -> None:
+    theta = nn.Parameter(torch.tensor([0.0, 0.0], dtype=torch.float64))
+    phi = metaopt.Param(torch.tensor([1.0, 1.0], dtype=torch.float64), name="scale")
+    model = nn.Module()
+    model.theta = theta
+    head = nn.Linear(2, 1).double()
+    batches = [torch.ones(1, 2, dtype=torch.float64)]
+    ft = metaopt.FineTune(head, torch.optim.SGD(head.parameters(), lr=0.1),
+                          loss=lambda m, h, b: h(b * m.theta).pow(2).sum(), train=batches,
+                          val=batches)
+    meta = metaopt.MetaPTOptimizer(
+        model, torch.optim.SGD([theta], lr=0.5), meta_optimizer=torch.optim.SGD([phi], lr=1.0),
+        finetune=ft, pt_estimator=metaopt.Neumann(terms=30),
+    )
+    hessian = torch.tensor([-0.5, 1.0], dtype=torch.float64)  # one negative eigenvalue
+    pt_loss = lambda: 0.5 * (hessian * theta.pow(2)).sum() - (phi * theta).sum()  # noqa: E731
+
+    with pytest.warns(metaopt.MetaOptWarning, match="Neumann series grows.*negative curvature"):
+        record = meta.hyperstep(pt_loss)
+
+    assert record.diverged
+    assert record.min_curvature < 0
+    assert not record.applied
+
+
+def test_exact_solve_flags_indefinite_hessian() -> None:
+    theta = nn.Parameter(torch.tensor([0.3, 0.1], dtype=torch.float64))
+    phi = metaopt.Param(torch.tensor([1.0, 1.0], dtype=torch.float64))
+    model = nn.Module()
+    model.theta = theta
+    head = nn.Linear(2, 1).double()
+    batches = [torch.ones(1, 2, dtype=torch.float64)]
+    ft = metaopt.FineTune(head, torch.optim.SGD(head.parameters(), lr=0.1),
+                          loss=lambda m, h, b: h(b * m.theta).pow(2).sum(), train=batches,
+                          val=batches)
+    meta = metaopt.MetaPTOptimizer(
+        model, torch.optim.SGD([theta], lr=0.5), meta_optimizer=torch.optim.SGD([phi], lr=1.0),
+        finetune=ft, pt_estimator=metaopt.ExactSolve(),
+    )
+    hessian = torch.tensor([-0.5, 1.0], dtype=torch.float64)
+    with pytest.warns(metaopt.MetaOptWarning, match="non-positive curvature"):
+        record = meta.hyperstep(
+            lambda: 0.5 * (hessian * theta.pow(2)).sum() - (phi * theta).sum()
+        )
+    assert record.diverged
+    assert record.min_curvature == pytest.approx(-0.5)
+    assert record.curvature == pytest.approx(1.0)
+
+
+def test_detached_ft_features_warn_not_silent() -> None:
+    phi = metaopt.Param(torch.zeros(3), name="logits")
+    batches = [(torch.randn(4, 3), torch.randn(4, 1))]
+    ft = _ft(nn.Linear(3, 1), loss=lambda m, h, b: (h(m(b[0]).detach()) - b[1]).pow(2).mean(),
+             train=batches, val=batches)
+    meta, model = _wrapper(phi, finetune=ft)
+    with pytest.warns(metaopt.MetaOptWarning, match=r"without torch.no_grad\(\) or .detach\(\)"):
+        record = meta.hyperstep(lambda: (torch.sigmoid(phi) * model(torch.randn(4, 3))).sum())
+    assert not record.applied
+    assert torch.count_nonzero(phi) == 0
+
+
+def test_nonfinite_ft_keeps_head_and_state() -> None:
+    phi = metaopt.Param(torch.zeros(3), name="logits")
+    bad = [(torch.randn(4, 3), torch.full((4, 1), float("inf")))]
+    head = nn.Linear(3, 1)
+    before = [p.detach().clone() for p in head.parameters()]
+    meta, model = _wrapper(phi, finetune=_ft(head, train=bad), on_nonfinite="warn")
+    with pytest.warns(metaopt.MetaOptWarning, match="not finite"):
+        meta.hyperstep(lambda: (torch.sigmoid(phi) * model(torch.randn(4, 3))).sum())
+    for param, old in zip(head.parameters(), before):
+        assert torch.equal(param.detach(), old)
+    assert len(meta.finetune.optimizer.state) == 0
+
+
+@pytest.mark.parametrize("mode", ["implicit", "head"])
+def test_frozen_head_parameter_stays_frozen(mode: str) -> None:
+    phi = metaopt.Param(torch.zeros(3), name="logits")
+    head = nn.Linear(3, 1)
+    head.bias.requires_grad_(False)
+    bias = head.bias.detach().clone()
+    meta, model = _wrapper(phi, finetune=_ft(head, mode=mode))
+    meta.hyperstep(lambda: (torch.sigmoid(phi) * model(torch.randn(4, 3))).pow(2).sum())
+    assert torch.equal(head.bias.detach(), bias)
+    assert not torch.equal(head.weight.detach(), torch.zeros_like(head.weight))
+
+
+def test_frozen_pt_parameter_with_unrolled_pt() -> None:
+    phi = metaopt.Param(torch.zeros(3), name="logits")
+    model = nn.Linear(3, 3)
+    model.bias.requires_grad_(False)
+    meta = metaopt.MetaPTOptimizer(
+        model, torch.optim.Adam(model.parameters(), lr=0.1),
+        meta_optimizer=torch.optim.SGD([phi], lr=1.0), finetune=_ft(nn.Linear(3, 1)),
+        pt_estimator=metaopt.UnrolledPT(steps=2),
+    )
+    x = torch.randn(4, 3)
+    for _ in range(2):
+        meta.zero_grad()
+        (torch.sigmoid(phi) * model(x)).pow(2).sum().backward()
+        meta.step(loss_fn=lambda: (torch.sigmoid(phi) * model(x)).pow(2).sum())
+    assert meta.hyperstep().applied
+
+
+def test_pt_parameter_outside_model_is_rejected_for_unrolled() -> None:
+    encoder, pt_head = nn.Linear(3, 3), nn.Linear(3, 2)
+    phi = metaopt.Param(torch.zeros(2))
+    with pytest.raises(ValueError, match=r"2 PT optimizer parameter\(s\) with shapes \[\(2, 3\), "
+                       r"\(2,\)\] are not in the model"):
+        metaopt.MetaPTOptimizer(
+            encoder, torch.optim.SGD([*encoder.parameters(), *pt_head.parameters()], lr=0.1),
+            meta_optimizer=torch.optim.SGD([phi], lr=1.0), finetune=_ft(nn.Linear(3, 1)),
+            pt_estimator=metaopt.UnrolledPT(steps=1),
+        )
+
+
+def test_reused_nan_loss_still_fills_grads() -> None:
+    phi = metaopt.Param(torch.zeros(3), name="logits")
+    meta, model = _wrapper(phi, on_nonfinite="warn")
+    loss = (torch.sigmoid(phi) * model(torch.randn(4, 3))).sum() * float("nan")
+    with pytest.warns(metaopt.MetaOptWarning, match="PT loss is not finite"):
+        meta.hyperstep(loss)
+    assert all(p.grad is not None for p in model.parameters())
