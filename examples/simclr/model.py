@@ -28,7 +28,7 @@ RESNET18_WIDTH = 64
 class CompactEncoder(nn.Module):
     """Three 3x3 conv layers with BatchNorm and global average pooling.
 
-    Maps ``[N, C, H, W]`` to ``[N, 4 * width]`` features; the last two layers halve
+    Maps ``[N, C, H, W]`` to ``[N, 4 * width]`` features. The last two layers halve
     the resolution.
     """
 
@@ -96,19 +96,19 @@ def _basic_stage(in_channels: int, out_channels: int, stride: int) -> nn.Sequent
 
 
 def build_encoder(name: str, in_channels: int = 1, width: int | None = None) -> nn.Module:
-    """Build the encoder ``name`` (one of ``ENCODERS``); ``width`` None keeps its default."""
+    """Build the encoder ``name`` (one of ``ENCODERS``); a ``width`` of None picks its default."""
     if name == "compact":
         return CompactEncoder(in_channels, width or 32)
     if name == "resnet18":
         return small_resnet18(in_channels, width or RESNET18_WIDTH)
-    raise ValueError(f"unknown encoder {name!r}; expected one of {ENCODERS}")
+    raise ValueError(f"unknown encoder {name!r}, expected one of {ENCODERS}")
 
 
 class SimCLRModel(nn.Module):
     """Encoder followed by a two-layer projection MLP, as in SimCLR.
 
     ``encoder`` must have the attribute ``feature_dim``. Downstream heads read
-    ``encoder(x)``; the NT-Xent loss reads ``forward(x)``.
+    ``encoder(x)``, and the NT-Xent loss reads ``forward(x)``.
     """
 
     def __init__(self, encoder: nn.Module, projection_dim: int = 64) -> None:
