@@ -230,7 +230,8 @@ def unrolled_ft(ft: FineTune, model: nn.Module, theta: Sequence[torch.Tensor]) -
     fast = [p.detach().requires_grad_() for p in head_params]
     if full:
         fast += list(theta)
-    modules = [model, ft.head]
+    # Only the head's parameters are replaced in "head" mode, so only the head is searched.
+    modules = [model, ft.head] if full else [ft.head]
     train_losses = []
     for _ in range(ft.steps):
         batch = ft.train.next()

@@ -303,7 +303,9 @@ class MetaPTOptimizer:
         failed = None
         if not torch.isfinite(ft.val_loss):
             failed = ("meta-FT val loss", ft.val_loss.item())
-        elif not all(torch.isfinite(x).all() for x in ft.v):
+        elif not ft.v:  # the implicit FT stage trained the head to non-finite weights
+            failed = ("FT head after its training steps", "NaN or inf entries")
+        elif not bool(torch.isfinite(torch.cat([x.reshape(-1) for x in ft.v])).all()):
             failed = ("FT-stage gradient dL_val/dtheta", "NaN or inf entries")
         if failed is not None:
             self._backward_reused(pt_loss)

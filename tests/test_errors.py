@@ -413,3 +413,20 @@ def test_reused_nan_loss_still_fills_grads() -> None:
     with pytest.warns(metaopt.MetaOptWarning, match="PT loss is not finite"):
         meta.hyperstep(loss)
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_nonfinite_implicit_head_is_restored() -> None:
+    phi = metaopt.Param(torch.zeros(3), name="logits")
+    head = nn.Linear(3, 1)
+    before = [p.detach().clone() for p in head.parameters()]
+    train = [(torch.randn(4, 3), torch.full((4, 1), 1e30))]  # the head step overflows
+    val = [(torch.randn(4, 3), torch.randn(4, 1))]
+    ft = metaopt.FineTune(head, torch.optim.SGD(head.parameters(), lr=1e10),
+                          loss=lambda m, h, b: (h(m(b[0])) - b[1]).pow(2).mean(),
+                          train=train, val=val, mode="implicit")
+    meta, model = _wrapper(phi, finetune=ft, on_nonfinite="warn")
+    with pytest.warns(metaopt.MetaOptWarning, match="not finite"):
+        record = meta.hyperstep(lambda: (torch.sigmoid(phi) * model(torch.randn(4, 3))).sum())
+    assert not record.applied
+    for param, old in zip(head.parameters(), before):
+        assert torch.equal(param.detach(), old)
