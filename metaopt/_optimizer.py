@@ -536,6 +536,7 @@ def _divergence_message(estimator: PTEstimator, info: SolveInfo, lr: float) -> s
 
 
 def _rng_state(device: torch.device) -> tuple:
+    # NOTE: the CUDA branch has not run on a GPU yet; only the CPU path is tested.
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda
 

@@ -182,6 +182,18 @@ def _plot(runs: Sequence[dict], names: Sequence[str], out: Path) -> dict[str, st
     return plots
 
 
+def _number(value: float | None, spec: str) -> str:
+    """Format a statistic, or "n/a" where one seed leaves it undefined (NaN or None)."""
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return format(value, spec)
+
+
+def _cell(stats: dict, signed: bool = False) -> str:
+    mean = format(stats["mean"], "+.4f" if signed else ".4f")
+    return f"{mean:>15} ± {_number(stats['std'], '.4f'):<6}"
+
+
 def _format_summary(summary: dict, weights: dict, seeds: Sequence[int]) -> str:
     lines = [
         f"test AUROC, mean ± std over seeds {', '.join(map(str, seeds))}",
@@ -191,13 +203,13 @@ def _format_summary(summary: dict, weights: dict, seeds: Sequence[int]) -> str:
         if arm not in summary["linear"]:
             continue
         cells = [summary[e][arm] for e in ("linear", "full")]
-        row = "".join(f"{c['mean']:>15.4f} ± {c['std']:<6.4f}" for c in cells)
+        row = "".join(_cell(c) for c in cells)
         lines.append(f"{arm:<10}{row}")
     if "paired" in summary["linear"]:
         cells = [summary[e]["paired"] for e in ("linear", "full")]
-        row = "".join(f"{c['mean']:>+15.4f} ± {c['std']:<6.4f}" for c in cells)
+        row = "".join(_cell(c, signed=True) for c in cells)
         lines.append(f"{'meta-unif':<10}{row}")
-        p_values = "".join(f"{'p = ' + format(c['t_test_p'], '.3g'):>24}" for c in cells)
+        p_values = "".join(f"{'p = ' + _number(c['t_test_p'], '.3g'):>24}" for c in cells)
         lines.append(f"{'paired t':<10}{p_values}")
     if weights["per_seed"]:
         lines.append(
