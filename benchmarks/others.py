@@ -6,7 +6,7 @@ learning rate. All start from the same state and batches as metaopt.
 
 The comparison runs in a child process, ``python -m benchmarks.others``, with the libraries'
 install folder on ``PYTHONPATH``, so that they never enter the main environment. :func:`run`
-starts that process. It never raises when a library is missing or fails but records the error.
+starts that process. A missing or failing library is recorded as an error entry, not raised.
 
 - TorchOpt: ``torchopt.diff.implicit.custom_root`` with the optimality condition
   ``torch.func.grad`` of the PT loss (a ``functional_call`` of a copy of the model whose

@@ -51,9 +51,9 @@ def _sqrt_zero_safe(x: torch.Tensor) -> torch.Tensor:
 class _Exact(higher.optim.DifferentiableOptimizer):
     """Base of the exact differentiable optimizers.
 
-    ``higher``'s constructor deep-copies ``param_groups`` together with every parameter tensor;
-    this one copies the hyperparameters and the optimizer state only, so building a
-    differentiable optimizer over a large model costs no parameter copy.
+    ``higher``'s constructor deep-copies ``param_groups`` together with every parameter tensor.
+    This one copies only the hyperparameters and the optimizer state, so building a
+    differentiable optimizer over a large model copies no parameters.
     """
 
     def __init__(

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import _diffopt
+from ._estimators import ConjugateGradient
 from ._swap import swapped_parameters
 
 __all__ = ["FineTune", "FTResult", "FT_MODES", "train_head"]
@@ -52,7 +53,7 @@ class _BatchCycle:
         return batch
 
     def fast_forward(self, consumed: int) -> None:
-        """Restart and skip ``consumed`` batches, so a resumed run sees the same batches."""
+        """Restart and skip ``consumed`` batches, so a resumed run gets the same batches."""
         self._iterator = None
         self.consumed = 0
         skip = consumed
@@ -75,7 +76,7 @@ class FineTune:
     Modes (``K = steps``):
 
     - ``"head"``: ``K`` differentiable steps of ``optimizer`` on the head with the encoder in
-      eval mode, then ``L_val``; ``v`` is the gradient of ``L_val`` through the unrolled steps.
+      eval mode, then ``L_val``. ``v`` is the gradient of ``L_val`` through the unrolled steps.
       Cost: ``K + 1`` forward and backward passes with a second-order graph over the head.
     - ``"full"``: as ``"head"``, but the PT parameters are fine-tuned too, with the
       hyperparameters of the first parameter group of ``optimizer`` and fresh optimizer state.
@@ -326,8 +327,6 @@ def _cg_small(
     damping: float,
 ) -> list[torch.Tensor]:
     """Solve ``(d grad/d params + damping I) q = rhs`` by CG on flat vectors."""
-    from ._estimators import ConjugateGradient
-
     shapes = [p.shape for p in params]
 
     def hvp(vec: torch.Tensor) -> torch.Tensor:

@@ -211,7 +211,10 @@ class MetaPTOptimizer:
             "ft_train_consumed", "ft_val_consumed",
         } - set(state_dict)
         if missing:
-            raise KeyError(f"MetaPTOptimizer state_dict is missing the keys {sorted(missing)}.")
+            raise KeyError(
+                f"MetaPTOptimizer state_dict is missing the keys {sorted(missing)}; pass the "
+                "dict that MetaPTOptimizer.state_dict() returned."
+            )
         self.optimizer.load_state_dict(state_dict["pt_optimizer"])
         self.finetune.optimizer.load_state_dict(state_dict["ft_optimizer"])
         self.meta_optimizer.load_state_dict(state_dict["meta_optimizer"])
@@ -226,7 +229,7 @@ class MetaPTOptimizer:
     def train_head(self, steps: int = 1) -> float:
         """Train the FT head for ``steps`` plain steps on meta-FT train batches (a warm-up).
 
-        The reference schedule trains the head on the side during a warm-up phase of plain PT,
+        Raghu et al. (2021) train the head on the side during a warm-up phase of plain PT,
         so the first hypersteps start from a useful head. The model is in eval mode during
         these steps when ``FineTune.encoder_eval`` is set, and its buffers are left unchanged.
 
@@ -617,7 +620,10 @@ def _check_disjoint(
                 f"Meta-parameter {meta_name(param)} is also in the PT optimizer; remove it there."
             )
         if not param.requires_grad:
-            raise ValueError(f"Meta-parameter {meta_name(param)} has requires_grad=False.")
+            raise ValueError(
+                f"Meta-parameter {meta_name(param)} has requires_grad=False; set "
+                "requires_grad=True or remove it from meta_optimizer."
+            )
     for param in head_params:
         if id(param) in theta_ids:
             raise ValueError(
@@ -625,7 +631,10 @@ def _check_disjoint(
                 "head must be a separate module from the PT model."
             )
     if not theta:
-        raise ValueError("The PT optimizer has no parameters that require gradients.")
+        raise ValueError(
+            "The PT optimizer has no parameters that require gradients; build it from the "
+            "model's trainable parameters."
+        )
 
 
 def _check_inside_model(model: nn.Module, theta: Sequence[torch.Tensor]) -> None:

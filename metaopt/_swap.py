@@ -19,7 +19,7 @@ def swapped_parameters(
 ) -> Iterator[None]:
     """Make ``modules`` compute with ``tensors`` in place of ``params`` inside the block.
 
-    Every submodule that registers one of ``params`` (tied weights included) sees the matching
+    Every submodule that registers one of ``params`` (tied weights included) uses the matching
     tensor, so a forward pass builds a graph back to ``tensors``. The original parameters are
     put back on exit, also when the block raises.
     """

@@ -291,8 +291,9 @@ def test_mixed_dtypes_are_rejected() -> None:
         )
 
 
-def test_neumann_growth_from_negative_curvature_is_flagged() -> None:
-    theta = nn.Parameter(torch.tensor([0.0, 0.0], dtype=torch.float64))
+def _indefinite_quadratic(estimator: metaopt.PTEstimator, theta0: list[float]):
+    """Return a wrapper whose PT loss is ``0.5 theta^T diag(-0.5, 1) theta - phi . theta``."""
+    theta = nn.Parameter(torch.tensor(theta0, dtype=torch.float64))
     phi = metaopt.Param(torch.tensor([1.0, 1.0], dtype=torch.float64), name="scale")
     model = nn.Module()
     model.theta = theta
@@ -303,10 +304,14 @@ def test_neumann_growth_from_negative_curvature_is_flagged() -> None:
                           val=batches)
     meta = metaopt.MetaPTOptimizer(
         model, torch.optim.SGD([theta], lr=0.5), meta_optimizer=torch.optim.SGD([phi], lr=1.0),
-        finetune=ft, pt_estimator=metaopt.Neumann(terms=30),
+        finetune=ft, pt_estimator=estimator,
     )
     hessian = torch.tensor([-0.5, 1.0], dtype=torch.float64)  # one negative eigenvalue
-    pt_loss = lambda: 0.5 * (hessian * theta.pow(2)).sum() - (phi * theta).sum()  # noqa: E731
+    return meta, lambda: 0.5 * (hessian * theta.pow(2)).sum() - (phi * theta).sum()
+
+
+def test_neumann_growth_from_negative_curvature_is_flagged() -> None:
+    meta, pt_loss = _indefinite_quadratic(metaopt.Neumann(terms=30), [0.0, 0.0])
 
     with pytest.warns(metaopt.MetaOptWarning, match="Neumann series grows.*negative curvature"):
         record = meta.hyperstep(pt_loss)
@@ -317,24 +322,11 @@ def test_neumann_growth_from_negative_curvature_is_flagged() -> None:
 
 
 def test_exact_solve_flags_indefinite_hessian() -> None:
-    theta = nn.Parameter(torch.tensor([0.3, 0.1], dtype=torch.float64))
-    phi = metaopt.Param(torch.tensor([1.0, 1.0], dtype=torch.float64))
-    model = nn.Module()
-    model.theta = theta
-    head = nn.Linear(2, 1).double()
-    batches = [torch.ones(1, 2, dtype=torch.float64)]
-    ft = metaopt.FineTune(head, torch.optim.SGD(head.parameters(), lr=0.1),
-                          loss=lambda m, h, b: h(b * m.theta).pow(2).sum(), train=batches,
-                          val=batches)
-    meta = metaopt.MetaPTOptimizer(
-        model, torch.optim.SGD([theta], lr=0.5), meta_optimizer=torch.optim.SGD([phi], lr=1.0),
-        finetune=ft, pt_estimator=metaopt.ExactSolve(),
-    )
-    hessian = torch.tensor([-0.5, 1.0], dtype=torch.float64)
+    meta, pt_loss = _indefinite_quadratic(metaopt.ExactSolve(), [0.3, 0.1])
+
     with pytest.warns(metaopt.MetaOptWarning, match="non-positive curvature"):
-        record = meta.hyperstep(
-            lambda: 0.5 * (hessian * theta.pow(2)).sum() - (phi * theta).sum()
-        )
+        record = meta.hyperstep(pt_loss)
+
     assert record.diverged
     assert record.min_curvature == pytest.approx(-0.5)
     assert record.curvature == pytest.approx(1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -139,35 +140,6 @@ def _make_meta_optimizer(
     )
 
 
-def _warmup_head_steps(meta: metaopt.MetaPTOptimizer, model: MoleculeModel) -> None:
-    """Train the meta-FT head on frozen PT features without a meta-update (warm-up phase)."""
-    finetune = meta.finetune
-    was_training = model.training
-    model.eval()
-    for _ in range(finetune.steps):
-        finetune.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            batch = finetune.train.next().to(next(model.parameters()).device)
-            features = model.encoder(batch)
-        loss = F.binary_cross_entropy_with_logits(finetune.head(features).squeeze(-1), batch.y)
-        loss.backward()
-        finetune.optimizer.step()
-    model.train(was_training)
-
-
-def _record_to_dict(record: metaopt.HyperstepRecord) -> dict[str, object]:
-    return {
-        "step": record.step,
-        "val_loss": record.val_loss,
-        "ft_train_loss": record.ft_train_loss,
-        "hypergrad_norm": record.hypergrad_norm,
-        "residual": record.residual,
-        "diverged": record.diverged,
-        "applied": record.applied,
-        "seconds": record.seconds,
-    }
-
-
 def pretrain(
     arm: str,
     seed: int,
@@ -206,10 +178,10 @@ def pretrain(
         postfix["pt_loss"] = f"{running:.4f}"
         if meta is not None and (step + 1) % config.hyper_interval == 0:
             if step + 1 <= config.warmup_steps:
-                _warmup_head_steps(meta, model)
+                meta.train_head(steps=meta.finetune.steps)
             else:
                 record = _hyperstep(meta, model, next(hyper_batches), logits)
-                result.hypersteps.append(_record_to_dict(record))
+                result.hypersteps.append(dataclasses.asdict(record))
                 # The last hyperstep's values stay on the bar until the next hyperstep.
                 postfix["val_loss"] = f"{record.val_loss:.4f}"
                 postfix["|hypergrad|"] = f"{record.hypergrad_norm:.2e}"

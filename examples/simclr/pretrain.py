@@ -9,6 +9,7 @@ fixed arm's step for step.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -207,19 +208,7 @@ def _warm_up_head(meta: metaopt.MetaPTOptimizer, model: SimCLRModel, batch: Any)
 
 
 def _record_hyperstep(history: dict[str, list[Any]], record: Any, warp: LearnedWarp) -> None:
-    history["hypersteps"].append(
-        {
-            "step": record.step,
-            "val_loss": record.val_loss,
-            "ft_train_loss": record.ft_train_loss,
-            "hypergrad_norm": record.hypergrad_norm,
-            "residual": record.residual,
-            "diverged": record.diverged,
-            "curvature": record.curvature,
-            "applied": record.applied,
-            "seconds": record.seconds,
-        }
-    )
+    history["hypersteps"].append(dataclasses.asdict(record))
     history["magnitude"].append([record.step, float(warp.magnitude.detach())])
 
 
